@@ -1,0 +1,177 @@
+"""Executing runs: the job object and the executors. The only module that imports submitit.
+
+Scheduler-specific commands (sbatch, squeue, sacct, sinfo, scontrol) live in
+:mod:`volclf.slurm`; this module maps volclf's generic resource names onto submitit's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from volclf.config import ResourceConfig, RunConfig
+from volclf.errors import ConfigError
+from volclf.train import JobInfo, Trainer
+
+BACKENDS = ("slurm", "local", "debug")
+GPU_REQUESTS = ("gres", "gpus", "gpus-per-node")
+
+
+def default_backend() -> str:
+    """SLURM where ``sbatch`` is on PATH (a login node), else this machine."""
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+class TrainingJob:
+    """What a scheduler runs: one run. ``checkpoint()`` only saves and resubmits itself;
+    the training function resumes from the run folder on any restart (FAIR's pattern)."""
+
+    def __init__(self, cfg: RunConfig, cpus: int = 0):
+        self.cfg = cfg
+        self.cpus = cpus  # local runs: threads for this run; 0: what the scheduler granted
+        self._trainer: Trainer | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        self._trainer = Trainer(self.cfg, job_info(self.cpus))
+        return self._trainer.fit()
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Runs inside submitit's handler for the requeue signal (preemption, time limit).
+        if self._trainer is not None:
+            self._trainer.checkpoint()
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.cpus))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "cpus": self.cpus, "_trainer": None}
+
+
+def job_info(cpus: int = 0) -> JobInfo:
+    """What the running job knows about itself (read at the job's boundary, not deep inside)."""
+    try:
+        env = submitit.JobEnvironment()
+        paths = env.paths
+        job_id, stdout, stderr = env.job_id, str(paths.stdout), str(paths.stderr)
+    except RuntimeError:  # not inside a submitit job (a direct call of train())
+        job_id, stdout, stderr = None, None, None
+    slurm_id = job_id if os.environ.get("SLURM_JOB_ID") else None
+    if not cpus:
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    gpus = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])
+    return JobInfo(slurm_job_id=slurm_id, host=socket.gethostname(), cpus=cpus, gpus=gpus,
+                   stdout=stdout, stderr=stderr)
+
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_time(text: str) -> int:
+    """SLURM time ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS") in whole minutes."""
+    m = _TIME.match(text.strip())
+    if not m:
+        raise ConfigError(f"time limit {text!r} is not a SLURM time; use e.g. 24:00:00 or 2-00:00:00")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        h, mi, s = int(a), int(b or 0), int(c or 0)
+        total_s = int(days) * 86400 + h * 3600 + mi * 60 + s
+    elif c is not None:  # HH:MM:SS
+        total_s = int(a) * 3600 + int(b) * 60 + int(c)
+    elif b is not None:  # MM:SS
+        total_s = int(a) * 60 + int(b)
+    else:  # MM
+        total_s = int(a) * 60
+    return max(1, -(-total_s // 60))
+
+
+def format_time(minutes: int) -> str:
+    d, rest = divmod(minutes, 1440)
+    return f"{d}-{rest // 60:02d}:{rest % 60:02d}:00" if d else f"{rest // 60:02d}:{rest % 60:02d}:00"
+
+
+def gpu_parameters(res: ResourceConfig) -> dict[str, Any]:
+    """submitit parameters for the GPU request in the form the site wants."""
+    if res.gpu_request not in GPU_REQUESTS:
+        raise ConfigError(f"resources.gpu_request={res.gpu_request!r}; choose one of {', '.join(GPU_REQUESTS)}")
+    if res.gpus <= 0:
+        return {}
+    typed = f"{res.gpu_type}:{res.gpus}" if res.gpu_type else str(res.gpus)
+    if res.gpu_request == "gres":
+        return {"slurm_gres": f"gpu:{typed}"}
+    if res.gpu_request == "gpus":
+        return {"slurm_additional_parameters": {"gpus": typed}}
+    if res.gpu_type:
+        return {"slurm_additional_parameters": {"gpus_per_node": typed}}
+    return {"gpus_per_node": res.gpus}
+
+
+def slurm_parameters(res: ResourceConfig, name: str) -> dict[str, Any]:
+    """All submitit parameters of a SLURM job array."""
+    params: dict[str, Any] = {
+        "name": name,
+        "cpus_per_task": res.cpus_per_task,
+        "mem_gb": res.mem_gb,
+        "timeout_min": parse_time(res.time),  # never submitit's 5-minute default
+        "tasks_per_node": 1,
+        "nodes": 1,
+        "slurm_wckey": res.wckey,
+        "slurm_signal_delay_s": res.signal_delay_s,
+    }
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    if res.account:
+        params["slurm_account"] = res.account
+    if res.qos:
+        params["slurm_qos"] = res.qos
+    if res.array_parallelism:
+        params["slurm_array_parallelism"] = res.array_parallelism
+    if res.setup:
+        params["slurm_setup"] = list(res.setup)
+    gpu = gpu_parameters(res)
+    extra = {**params.pop("slurm_additional_parameters", {}), **gpu.pop("slurm_additional_parameters", {})}
+    params.update(gpu)
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+def make_executor(backend: str, folder: Path, res: ResourceConfig, name: str) -> submitit.Executor:
+    """A submitit executor for ``backend`` with the resource request applied."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--cluster {backend!r}; choose one of {', '.join(BACKENDS)}")
+    folder = Path(folder) / "%j"
+    if backend == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues)
+        executor.update_parameters(**slurm_parameters(res, name))
+        return executor
+    if backend == "local":
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)
+        executor.update_parameters(timeout_min=parse_time(res.time), gpus_per_node=0)
+        return executor
+    return submitit.DebugExecutor(folder=folder)
+
+
+def submit_array(executor: submitit.Executor, jobs: list[TrainingJob]) -> list[submitit.Job]:
+    """One submission for all jobs: a single job array on SLURM."""
+    with executor.batch():
+        handles = [executor.submit(job) for job in jobs]
+    return handles
+
+
+def batch_script(res: ResourceConfig, name: str, folder: Path, n_tasks: int) -> str:
+    """The exact sbatch script submitit would write for an array of ``n_tasks`` (for --dry-run)."""
+    executor = submitit.SlurmExecutor(folder=Path(folder) / "%j", max_num_timeout=res.max_requeues)
+    executor.update_parameters(**slurm_parameters(res, name))
+    if n_tasks > 1:
+        executor.update_parameters(array_parallelism=res.array_parallelism or n_tasks)
+    command = " ".join([executor.python, "-u -m submitit.core._submit", str(executor.folder)])
+    text = executor._make_submission_file_text(command, "UID")
+    if n_tasks > 1:
+        # submitit adds the array line when it submits an array; show it as sbatch will get it.
+        throttle = res.array_parallelism or n_tasks
+        text = text.replace("#SBATCH --job-name", f"#SBATCH --array=0-{n_tasks - 1}%{throttle}\n#SBATCH --job-name", 1)
+    return text
