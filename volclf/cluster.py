@@ -118,7 +118,9 @@ def slurm_parameters(res: ResourceConfig, name: str) -> dict[str, Any]:
         "timeout_min": parse_time(res.time),  # never submitit's 5-minute default
         "tasks_per_node": 1,
         "nodes": 1,
-        "slurm_wckey": res.wckey,
+        # submitit writes --wckey=submitit unless told otherwise; None leaves the line out
+        # (some sites reject unknown wckeys).
+        "slurm_wckey": res.wckey or None,
         "slurm_signal_delay_s": res.signal_delay_s,
     }
     if res.partition:
@@ -127,8 +129,8 @@ def slurm_parameters(res: ResourceConfig, name: str) -> dict[str, Any]:
         params["slurm_account"] = res.account
     if res.qos:
         params["slurm_qos"] = res.qos
-    if res.array_parallelism:
-        params["slurm_array_parallelism"] = res.array_parallelism
+    # submitit throttles arrays to 256 tasks at once by default; 0 here means no throttle.
+    params["slurm_array_parallelism"] = res.array_parallelism or 1_000_000
     if res.setup:
         params["slurm_setup"] = list(res.setup)
     gpu = gpu_parameters(res)
@@ -143,13 +145,12 @@ def make_executor(backend: str, folder: Path, res: ResourceConfig, name: str) ->
     """A submitit executor for ``backend`` with the resource request applied."""
     if backend not in BACKENDS:
         raise ConfigError(f"--cluster {backend!r}; choose one of {', '.join(BACKENDS)}")
-    folder = Path(folder) / "%j"
     if backend == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues)
+        executor = submitit.SlurmExecutor(folder=Path(folder) / "%j", max_num_timeout=res.max_requeues)
         executor.update_parameters(**slurm_parameters(res, name))
         return executor
     if backend == "local":
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)  # pids: one folder
         executor.update_parameters(timeout_min=parse_time(res.time), gpus_per_node=0)
         return executor
     return submitit.DebugExecutor(folder=folder)
@@ -163,15 +164,49 @@ def submit_array(executor: submitit.Executor, jobs: list[TrainingJob]) -> list[s
 
 
 def batch_script(res: ResourceConfig, name: str, folder: Path, n_tasks: int) -> str:
-    """The exact sbatch script submitit would write for an array of ``n_tasks`` (for --dry-run)."""
+    """The exact sbatch script submitit writes for an array of ``n_tasks`` (for --dry-run).
+
+    Uses submitit's own script writer, as the submission does; the test cluster's tests
+    compare this text with the script of a real submission.
+    """
     executor = submitit.SlurmExecutor(folder=Path(folder) / "%j", max_num_timeout=res.max_requeues)
     executor.update_parameters(**slurm_parameters(res, name))
     if n_tasks > 1:
-        executor.update_parameters(array_parallelism=res.array_parallelism or n_tasks)
-    command = " ".join([executor.python, "-u -m submitit.core._submit", str(executor.folder)])
-    text = executor._make_submission_file_text(command, "UID")
-    if n_tasks > 1:
-        # submitit adds the array line when it submits an array; show it as sbatch will get it.
-        throttle = res.array_parallelism or n_tasks
-        text = text.replace("#SBATCH --job-name", f"#SBATCH --array=0-{n_tasks - 1}%{throttle}\n#SBATCH --job-name", 1)
-    return text
+        executor.parameters["map_count"] = n_tasks  # what submitit sets for an array
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def run_local(
+    executor: submitit.Executor,
+    jobs: list[TrainingJob],
+    parallel: int,
+    poll: Any = None,
+    interval_s: float = 0.5,
+) -> list[tuple[TrainingJob, submitit.Job | None]]:
+    """Run jobs on this machine, at most ``parallel`` at once; ``poll(started)`` is called while waiting.
+
+    submitit's local executor starts every job it is given at once, so the throttle lives here.
+    On an interrupt the running jobs are cancelled (each resumes from its checkpoint next time).
+    """
+    import time
+
+    waiting = list(jobs)
+    started: list[tuple[TrainingJob, submitit.Job]] = []
+    try:
+        while waiting or any(not h.done() for _, h in started):
+            running = sum(1 for _, h in started if not h.done())
+            while waiting and running < parallel:
+                job = waiting.pop(0)
+                started.append((job, executor.submit(job)))
+                running += 1
+            if poll is not None:
+                poll(started)
+            time.sleep(interval_s)
+        if poll is not None:
+            poll(started)
+    except BaseException:
+        for _, handle in started:
+            if not handle.done():
+                handle.cancel(check=False)
+        raise
+    return [(job, handle) for job, handle in started] + [(job, None) for job in waiting]

@@ -69,6 +69,8 @@ class DataConfig:
     val_fraction: float = 0.25
     split: str = "holdout"  # "holdout" or "kfold"
     folds: int = 5
+    # Real data: where prepared volumes are cached; "" = a .volclf-cache folder next to the data.
+    cache_dir: str = ""
     # Synthetic set only:
     num_classes: int = 3
     num_samples: int = 256
@@ -275,3 +277,23 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
 
 def _normal(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
+
+
+def load_profile(name: str, jobs_dir: Path = JOBS_DIR) -> dict[str, Any]:
+    """The ``[resources]`` table of the cluster profile ``jobs/profiles/<name>.toml``."""
+    folder = jobs_dir / "profiles"
+    path = folder / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.toml"))) or "none"
+        raise ConfigError(f"no cluster profile {name!r} ({path} is missing); profiles: {known}")
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - {"resources", "description"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {unknown}; a profile has [resources] (and a description)")
+    values = dict(doc.get("resources", {}))
+    _build(ResourceConfig, values, str(path))  # validate names and types now, with the file's name
+    return values

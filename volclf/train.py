@@ -33,15 +33,16 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader, Sampler
 
 from volclf import __version__, runs
-from volclf.config import RunConfig, config_diff
+from volclf.config import RunConfig
 from volclf.data import DataSplits, load_data
 from volclf.errors import ConfigError
 from volclf.models import build_model, count_parameters
 
 log = logging.getLogger("volclf.train")
 
-# Signals on which a job may be stopped: handlers for them run only between steps (see
-# ``Trainer.safe_point``), so a checkpoint written from a handler is always consistent.
+# Signals on which a job may be stopped (submitit handles USR2: checkpoint and requeue).
+# Their handlers run only between steps (``Trainer.safe_point``), so that a checkpoint
+# written from a handler is always a consistent state.
 DEFERRED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -255,33 +256,49 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     @contextmanager
     def _signals_deferred(self) -> Iterator[None]:
-        """Hold stop signals except at ``safe_point()`` (main thread only)."""
-        if not hasattr(signal, "pthread_sigmask") or not threading_main():
+        """Hold the stop signals' Python handlers (submitit's) until ``safe_point()``.
+
+        A handler may only act between steps: a checkpoint taken in the middle of an optimiser
+        step would not be a state the run ever had. The deferring handler only notes the
+        signal; whichever thread the kernel delivered it to, Python runs it in this one.
+        """
+        if not threading_main():
             yield
             return
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+        self._held: dict[int, Any] = {}
+        self._pending: list[int] = []
+        for sig in DEFERRED_SIGNALS:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                self._held[sig] = handler
+                signal.signal(sig, lambda signum, frame: self._pending.append(signum))
         try:
             yield
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for sig, handler in self._held.items():
+                signal.signal(sig, handler)
+            self._held = {}
 
     def safe_point(self) -> None:
-        """Let pending stop signals in: their handlers see a consistent state."""
-        if not hasattr(signal, "pthread_sigmask") or not threading_main():
-            return
-        self.at_safe_point = True
-        try:
-            # Unblocking delivers pending signals and CPython runs their handlers here.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
-            signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
-        finally:
-            self.at_safe_point = False
+        """Run the held handlers of signals that arrived: they see a consistent state."""
+        while getattr(self, "_pending", None):
+            signum = self._pending.pop(0)
+            self.at_safe_point = True
+            try:
+                self._held[signum](signum, None)
+            finally:
+                self.at_safe_point = False
+
+    def _loader_generator(self) -> torch.Generator:
+        # A DataLoader draws its workers' base seed from this generator when it starts; from
+        # the global one it would shift the dropout masks of a run resumed mid-epoch.
+        return torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
 
     def _train_epoch(self) -> None:
         t, model = self.cfg.train, self.step_model
         model.train()
         batches = EpochBatches(len(self.data.train), t.batch_size, self.cfg.seed, self.epoch, self.batch_in_epoch)
-        loader = DataLoader(self.data.train, batch_sampler=batches, **self.loader_kwargs)
+        loader = DataLoader(self.data.train, batch_sampler=batches, generator=self._loader_generator(), **self.loader_kwargs)
         for x, y in loader:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
@@ -308,7 +325,8 @@ class Trainer:
     def _evaluate(self) -> tuple[float, float, np.ndarray, np.ndarray]:
         model = self.step_model
         model.eval()
-        loader = DataLoader(self.data.val, batch_size=self.cfg.train.batch_size, shuffle=False, **self.loader_kwargs)
+        loader = DataLoader(self.data.val, batch_size=self.cfg.train.batch_size, shuffle=False,
+                            generator=self._loader_generator(), **self.loader_kwargs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         preds, trues = [], []
         for x, y in loader:
@@ -337,8 +355,15 @@ class Trainer:
         handler = _file_log(self.run_dir / runs.LOG)
         try:
             self._write_config()
+            self._record_job()
             with self._signals_deferred():
-                return self._fit()
+                try:
+                    return self._fit()
+                except Exception as exc:
+                    # The record says why; the exception still ends the job as failed.
+                    log.exception("run failed")
+                    self._finish(f"{type(exc).__name__}: {exc}")
+                    raise
         finally:
             logging.getLogger("volclf").removeHandler(handler)
             handler.close()
@@ -348,13 +373,33 @@ class Trainer:
         mine = self.cfg.to_dict()
         if path.exists():
             old = runs.read_json(path).get("run_config", {})
-            diff = [d for d in config_diff(old, mine) if not d.startswith(("results", "resources", "train.threads", "train.num_workers"))]
+            from volclf.campaign import identity_diff
+
+            diff = identity_diff(old, mine)
             if diff:
                 raise ConfigError(
                     f"{path} was written by a different configuration ({'; '.join(diff)}). "
                     "Use another --campaign, or delete the run folder to start it again."
                 )
         self._config_doc = mine
+
+    def _record_job(self) -> None:
+        """``job.json`` (which job ran this run, where, since when) and links to the job's logs."""
+        path = self.run_dir / "job.json"
+        doc = runs.read_json(path) if path.exists() else {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        doc.setdefault("first_started_at", now)
+        doc.update(slurm_job_id=self.job.slurm_job_id, host=self.job.host, started_at=now,
+                   stdout=self.job.stdout, stderr=self.job.stderr)
+        runs.write_json(path, doc)
+        for name, target in (("stdout.log", self.job.stdout), ("stderr.log", self.job.stderr)):
+            if not target:
+                continue
+            link = self.run_dir / name
+            tmp = self.run_dir / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(os.path.relpath(target, self.run_dir))
+            os.replace(tmp, link)
 
     def _fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -437,19 +482,21 @@ class Trainer:
     def _finish(self, error: str | None) -> dict[str, Any]:
         cfg = self.cfg
         wall = self.elapsed_before + (time.time() - self._started)
-        best = self.best or {}
-        gpus = 1 if self.device.type == "cuda" else 0
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+        best = getattr(self, "best", None) or {}
+        device = getattr(self, "device", torch.device("cpu"))
+        data = getattr(self, "data", None)
+        gpus = 1 if device.type == "cuda" else 0
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
         final = {
             "campaign": cfg.campaign, "arch": cfg.arch, "run": cfg.run, "seed": cfg.seed,
             "status": "failed" if error else "completed",
-            "best_epoch": best.get("epoch"), "epochs": self.epoch,
+            "best_epoch": best.get("epoch"), "epochs": getattr(self, "epoch", 0),
             "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
             "val_loss": best.get("val_loss"), "val_acc": best.get("val_acc"),
-            "classes": self.data.classes,
+            "classes": data.classes if data else None,
             "confusion_matrix": best.get("confusion_matrix"),
             "per_class": best.get("per_class"),
             "wall_time_s": wall,
@@ -458,9 +505,9 @@ class Trainer:
             "peak_memory_kind": "cuda_allocated" if gpus else "cpu_max_rss",
             "host": self.job.host,
             "slurm_job_id": self.job.slurm_job_id,
-            "attempts": self.attempts,
-            "device": str(self.device),
-            "data_fingerprint": self.data.fingerprint,
+            "attempts": getattr(self, "attempts", 1),
+            "device": str(device),
+            "data_fingerprint": data.fingerprint if data else None,
             "error": error,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
