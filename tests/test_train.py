@@ -153,7 +153,8 @@ def test_stop_signal_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
     train(straight)
     cfg = tiny(tmp_path / "b", **over)
     proc = start_training(cfg)
-    wait_for(lambda: (cfg.run_dir / runs.METRICS).exists())  # epoch 1 done: now inside epoch 2
+    wait_for(lambda: (cfg.run_dir / runs.METRICS).exists())  # epoch 1 done
+    time.sleep(0.3)  # now well inside epoch 2 (~150 steps of ~10 ms)
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, out
@@ -162,3 +163,13 @@ def test_stop_signal_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
     final = train(cfg)
     assert final["status"] == "completed" and final["attempts"] == 2
     assert_same_run(straight.run_dir, cfg.run_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make the run fail")
+def test_a_python_error_is_recorded_as_failed_with_its_reason(results):
+    cfg = tiny(results, device="cuda")
+    with pytest.raises((AssertionError, RuntimeError)):
+        train(cfg)
+    final = runs.read_json(cfg.run_dir / runs.FINAL)
+    assert final["status"] == "failed" and "CUDA" in final["error"]
+    assert set(runs.FINAL_KEYS) <= set(final)

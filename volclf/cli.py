@@ -133,13 +133,16 @@ def launch(args: argparse.Namespace) -> int:
     if not todo:
         console.print(f"Nothing to do: every asked-for run of [bold]{cfg0.campaign}[/] is completed or queued.")
         return 0
+    name = f"volclf-{cfg0.arch}-{cfg0.campaign}"
+    logs = camp.campaign_dir(cfg0.results, cfg0.campaign) / "logs"
+    if args.dry_run:  # the script first, then the same checks a submission runs
+        dry_run(todo, backend, name, logs)
     summary = preflight([p.cfg for p in todo], backend)
     classes = ", ".join(f"{name} {count}" for name, count in summary["classes"].items())
     console.print(f"data: {summary['source']} — {summary['volumes']} volumes; classes: {classes}")
-    name = f"volclf-{cfg0.arch}-{cfg0.campaign}"
-    logs = camp.campaign_dir(cfg0.results, cfg0.campaign) / "logs"
     if args.dry_run:
-        return dry_run(todo, backend, name, logs)
+        console.print("checks passed; nothing was submitted (drop --dry-run to submit).")
+        return 0
     if backend == "slurm":
         return submit_slurm(todo, name, logs, args)
     return run_here(todo, backend, logs, args)
@@ -155,7 +158,7 @@ def print_plan(planned: list[camp.PlannedRun], backend: str) -> None:
     console.print(table)
 
 
-def dry_run(todo: list[camp.PlannedRun], backend: str, name: str, logs: Path) -> int:
+def dry_run(todo: list[camp.PlannedRun], backend: str, name: str, logs: Path) -> None:
     res = todo[0].cfg.resources
     console.print(f"[bold]dry run[/]: {len(todo)} run(s) would be submitted, nothing is submitted.")
     if backend == "slurm":
@@ -164,7 +167,6 @@ def dry_run(todo: list[camp.PlannedRun], backend: str, name: str, logs: Path) ->
         print(batch_script(res, name, logs, len(todo)))
     else:
         console.print("backend local: the runs would train on this machine")
-    return 0
 
 
 def submit_slurm(todo: list[camp.PlannedRun], name: str, logs: Path, args: argparse.Namespace) -> int:
@@ -174,7 +176,8 @@ def submit_slurm(todo: list[camp.PlannedRun], name: str, logs: Path, args: argpa
     handles = submit_array(executor, jobs)
     ids = {str(p.cfg.run): h.job_id for p, h in zip(todo, handles)}
     record(todo, "slurm", ids, args)
-    console.print(f"submitted {len(handles)} run(s) as one job array {handles[0].job_id.split('_')[0]} ({name}).")
+    kind = "job array" if len(handles) > 1 else "job"
+    console.print(f"submitted {len(handles)} run(s) as one {kind} {handles[0].job_id.split('_')[0]} ({name}).")
     console.print(f"follow it: squeue -u $USER, or python launch.py status --campaign {cfg0.campaign}")
     return 0
 

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +33,27 @@ class TrainingJob:
     """What a scheduler runs: one run. ``checkpoint()`` only saves and resubmits itself;
     the training function resumes from the run folder on any restart (FAIR's pattern)."""
 
-    def __init__(self, cfg: RunConfig, cpus: int = 0):
+    def __init__(self, cfg: RunConfig, cpus: int = 0, submitted_at: str | None = None):
         self.cfg = cfg
         self.cpus = cpus  # local runs: threads for this run; 0: what the scheduler granted
+        self.submitted_at = submitted_at or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._trainer: Trainer | None = None
 
     def __call__(self) -> dict[str, Any]:
-        self._trainer = Trainer(self.cfg, job_info(self.cpus))
+        self._trainer = Trainer(self.cfg, job_info(self.cpus, self.submitted_at))
         return self._trainer.fit()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Runs inside submitit's handler for the requeue signal (preemption, time limit).
         if self._trainer is not None:
             self._trainer.checkpoint()
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.cpus))
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.cpus, self.submitted_at))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "cpus": self.cpus, "_trainer": None}
+        return {"cfg": self.cfg, "cpus": self.cpus, "submitted_at": self.submitted_at, "_trainer": None}
 
 
-def job_info(cpus: int = 0) -> JobInfo:
+def job_info(cpus: int = 0, submitted_at: str | None = None) -> JobInfo:
     """What the running job knows about itself (read at the job's boundary, not deep inside)."""
     try:
         env = submitit.JobEnvironment()
@@ -64,7 +66,7 @@ def job_info(cpus: int = 0) -> JobInfo:
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
     gpus = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])
     return JobInfo(slurm_job_id=slurm_id, host=socket.gethostname(), cpus=cpus, gpus=gpus,
-                   stdout=stdout, stderr=stderr)
+                   stdout=stdout, stderr=stderr, submitted_at=submitted_at)
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -118,9 +120,9 @@ def slurm_parameters(res: ResourceConfig, name: str) -> dict[str, Any]:
         "timeout_min": parse_time(res.time),  # never submitit's 5-minute default
         "tasks_per_node": 1,
         "nodes": 1,
-        # submitit writes --wckey=submitit unless told otherwise; None leaves the line out
-        # (some sites reject unknown wckeys).
-        "slurm_wckey": res.wckey or None,
+        # submitit writes --wckey=submitit unless told otherwise; sites that track wckeys
+        # reject unknown ones, so it stays empty unless the profile names one.
+        "slurm_wckey": res.wckey,
         "slurm_signal_delay_s": res.signal_delay_s,
     }
     if res.partition:
@@ -141,19 +143,21 @@ def slurm_parameters(res: ResourceConfig, name: str) -> dict[str, Any]:
     return params
 
 
-def make_executor(backend: str, folder: Path, res: ResourceConfig, name: str) -> submitit.Executor:
-    """A submitit executor for ``backend`` with the resource request applied."""
+def make_executor(backend: str, folder: Path, res: ResourceConfig, name: str) -> submitit.AutoExecutor:
+    """A submitit executor for ``backend`` with the resource request applied (generic names)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--cluster {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "slurm":
-        executor = submitit.SlurmExecutor(folder=Path(folder) / "%j", max_num_timeout=res.max_requeues)
+        executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=res.max_requeues)
         executor.update_parameters(**slurm_parameters(res, name))
         return executor
+    # Local job ids are process ids: one folder holds them all.
+    executor = submitit.AutoExecutor(folder=folder, cluster=backend, local_max_num_timeout=res.max_requeues) \
+        if backend == "local" else submitit.AutoExecutor(folder=folder, cluster="debug")
     if backend == "local":
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)  # pids: one folder
-        executor.update_parameters(timeout_min=parse_time(res.time), gpus_per_node=0)
-        return executor
-    return submitit.DebugExecutor(folder=folder)
+        executor.update_parameters(timeout_min=parse_time(res.time))
+    return executor
 
 
 def submit_array(executor: submitit.Executor, jobs: list[TrainingJob]) -> list[submitit.Job]:
@@ -169,11 +173,10 @@ def batch_script(res: ResourceConfig, name: str, folder: Path, n_tasks: int) -> 
     Uses submitit's own script writer, as the submission does; the test cluster's tests
     compare this text with the script of a real submission.
     """
-    executor = submitit.SlurmExecutor(folder=Path(folder) / "%j", max_num_timeout=res.max_requeues)
-    executor.update_parameters(**slurm_parameters(res, name))
+    slurm_executor = make_executor("slurm", folder, res, name)._executor
     if n_tasks > 1:
-        executor.parameters["map_count"] = n_tasks  # what submitit sets for an array
-    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+        slurm_executor.parameters["map_count"] = n_tasks  # what submitit sets for an array
+    return slurm_executor._make_submission_file_text(slurm_executor._submitit_command_str, "dry-run")
 
 
 def run_local(

@@ -56,6 +56,7 @@ class JobInfo:
     gpus: int = 0
     stdout: str | None = None
     stderr: str | None = None
+    submitted_at: str | None = None  # when the launcher submitted the job (ISO 8601)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -256,11 +257,14 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     @contextmanager
     def _signals_deferred(self) -> Iterator[None]:
-        """Hold the stop signals' Python handlers (submitit's) until ``safe_point()``.
+        """Hold stop signals until ``safe_point()``.
 
         A handler may only act between steps: a checkpoint taken in the middle of an optimiser
         step would not be a state the run ever had. The deferring handler only notes the
         signal; whichever thread the kernel delivered it to, Python runs it in this one.
+        USR2 keeps its owner's handler (submitit: checkpoint and requeue), run at the next safe
+        point; SIGTERM (scancel, requeue, preemption, time limit: the job is ending) always
+        gets a checkpoint and a clean exit.
         """
         if not threading_main():
             yield
@@ -269,7 +273,7 @@ class Trainer:
         self._pending: list[int] = []
         for sig in DEFERRED_SIGNALS:
             handler = signal.getsignal(sig)
-            if callable(handler):
+            if callable(handler) or sig == signal.SIGTERM:
                 self._held[sig] = handler
                 signal.signal(sig, lambda signum, frame: self._pending.append(signum))
         try:
@@ -280,11 +284,16 @@ class Trainer:
             self._held = {}
 
     def safe_point(self) -> None:
-        """Run the held handlers of signals that arrived: they see a consistent state."""
+        """Act on the stop signals that arrived: here the state is consistent."""
         while getattr(self, "_pending", None):
             signum = self._pending.pop(0)
             self.at_safe_point = True
             try:
+                if signum == signal.SIGTERM:
+                    self.save_checkpoint()
+                    log.warning("SIGTERM at epoch %d, batch %d: checkpoint written, stopping (the run resumes "
+                                "from it when started again)", self.epoch + 1, self.batch_in_epoch)
+                    raise SystemExit(128 + signal.SIGTERM)
                 self._held[signum](signum, None)
             finally:
                 self.at_safe_point = False
@@ -388,8 +397,10 @@ class Trainer:
         path = self.run_dir / "job.json"
         doc = runs.read_json(path) if path.exists() else {}
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        doc.setdefault("first_started_at", now)
-        doc.update(slurm_job_id=self.job.slurm_job_id, host=self.job.host, started_at=now,
+        if doc.get("submitted_at") != self.job.submitted_at:  # a new submission, not a requeue
+            doc = {"submitted_at": self.job.submitted_at, "started_at": now}
+        # started_at - submitted_at is the queue wait; a requeue only moves last_started_at.
+        doc.update(slurm_job_id=self.job.slurm_job_id, host=self.job.host, last_started_at=now,
                    stdout=self.job.stdout, stderr=self.job.stderr)
         runs.write_json(path, doc)
         for name, target in (("stdout.log", self.job.stdout), ("stderr.log", self.job.stderr)):
@@ -481,12 +492,12 @@ class Trainer:
 
     def _finish(self, error: str | None) -> dict[str, Any]:
         cfg = self.cfg
-        wall = self.elapsed_before + (time.time() - self._started)
+        wall = getattr(self, "elapsed_before", 0.0) + (time.time() - self._started)
         best = getattr(self, "best", None) or {}
         device = getattr(self, "device", torch.device("cpu"))
         data = getattr(self, "data", None)
         gpus = 1 if device.type == "cuda" else 0
-        if device.type == "cuda":
+        if device.type == "cuda" and torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
