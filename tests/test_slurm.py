@@ -193,7 +193,8 @@ def test_preempted_run_is_requeued_and_ends_like_an_uninterrupted_one(results, t
     job, run_dir = start_slow_run(results, campaign)
     # A job in the higher-priority partition needs the whole node: SLURM preempts ours
     # (USR2 first: submitit calls checkpoint() and requeues).
-    sh("sbatch", "-p", "urgent", "--cpus-per-task=12", "--mem=64G", "-J", f"urgent-{campaign}", "--wrap", "sleep 3")
+    sh("sbatch", "-p", "urgent", "--cpus-per-task=12", "--mem=64G", "-J", f"urgent-{campaign}", "-o", "/dev/null",
+       "--wrap", "sleep 3")
     wait_for(lambda: "Restarts=1" in sh("scontrol", "show", "job", job, check=False).stdout, what="a requeue")
     wait_for(lambda: (run_dir / "final.json").exists(), what="the requeued run to finish")
     final = runs.read_json(run_dir / "final.json")
