@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,11 @@ def resolve(args: argparse.Namespace) -> list[RunConfig]:
 def preflight(cfgs: list[RunConfig], backend: str) -> dict[str, Any]:
     """Checks on this machine before anything is submitted: a mistake costs seconds."""
     cfg = cfgs[0]
+    if cfg.data.split == "kfold":
+        beyond = [c.run for c in cfgs if c.run >= cfg.data.folds]
+        if beyond:
+            raise PreflightError(f"runs {beyond} have no fold: with data.split=kfold run k uses fold k of "
+                                 f"data.folds={cfg.data.folds}; use --n {cfg.data.folds} or raise data.folds")
     camp.check_writable(cfg.results, cfg.campaign)
     summary = data_mod.check_data(cfg.data, cfg.model.input_shape)
     try:

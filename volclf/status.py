@@ -65,7 +65,8 @@ def _row(arch: str, run: int, run_dir: Path, job_id: str | None, live: dict, acc
         row["elapsed"] = f"{final.get('wall_time_s', 0):.0f} s"
         row["node"] = final.get("host", "")
         if final.get("status") == "failed":
-            row["note"] = f"Python error: {final.get('error')}"
+            tail = slurm.traceback_tail(_stderr_text(run_dir))
+            row["note"] = f"Python error: {final.get('error')}" + (f" [{tail}]" if tail and tail not in str(final.get("error")) else "")
         elif final.get("attempts", 1) > 1:
             row["note"] = f"completed after {final['attempts'] - 1} requeue(s)"
         return row

@@ -9,6 +9,8 @@ has to find structure (a convolution's or attention's job), not a brightness thr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 GENERATOR_VERSION = 1  # bump when make_volume changes: it is part of the data fingerprint
@@ -72,3 +74,53 @@ def make_volume(
     contrast = np.float32(rng.uniform(1.5, 2.5))
     volume = contrast * obj + background + rng.normal(0.0, noise, size=shape).astype(np.float32)
     return (volume - volume.mean()).astype(np.float32)
+
+
+def write_dataset(
+    folder: str | Path,
+    num_samples: int = 24,
+    num_classes: int = 3,
+    shape: tuple[int, int, int] = (16, 16, 16),
+    *,
+    layout: str = "folders",
+    suffix: str = ".nii.gz",
+    dtype: str = "float32",
+    data_seed: int = 0,
+    noise: float = 0.6,
+) -> Path:
+    """Write the synthetic set as files, the way a user's data set looks: for demos, tests, benchmarks.
+
+    ``layout``: "folders" (one sub-folder per class) or "csv" (``labels.csv`` with path,label).
+    ``suffix``: .nii.gz, .nii, .npy or .npz (one volume per file). An integer ``dtype`` stores
+    round(100 × volume), like a scanner's integer voxels. NIfTI files are written so that
+    volclf reads back the same (D, H, W) array (identity affine, axes (x, y, z) = (W, H, D)).
+    """
+    import nibabel as nib
+
+    if layout not in ("folders", "csv"):
+        raise ValueError(f"layout={layout!r}: choose 'folders' or 'csv'")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = synthetic_labels(num_samples, num_classes, data_seed)
+    names = class_names(num_classes)
+    rows = ["path,label"]
+    for i, label in enumerate(labels):
+        volume = make_volume(i, int(label), shape, data_seed, noise)
+        if np.dtype(dtype).kind in "iu":
+            volume = np.round(volume * 100)
+        volume = volume.astype(dtype)
+        rel = Path(names[label]) / f"vol{i:04d}{suffix}" if layout == "folders" else Path(f"vol{i:04d}{suffix}")
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix in (".nii", ".nii.gz"):
+            nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), path)  # (D, H, W) -> (x, y, z)
+        elif suffix == ".npy":
+            np.save(path, volume)
+        elif suffix == ".npz":
+            np.savez_compressed(path, volume=volume)
+        else:
+            raise ValueError(f"suffix={suffix!r}: choose .nii.gz, .nii, .npy or .npz")
+        rows.append(f"{rel.as_posix()},{names[label]}")
+    if layout == "csv":
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
