@@ -172,3 +172,11 @@ def test_a_python_error_is_recorded_as_failed_with_its_reason(results):
     final = runs.read_json(cfg.run_dir / runs.FINAL)
     assert final["status"] == "failed" and "CUDA" in final["error"]
     assert set(runs.FINAL_KEYS) <= set(final)
+
+
+def test_loader_workers_give_the_same_run_as_the_main_process(tmp_path):
+    # Persistent workers serve every epoch; the numbers must not depend on how data is loaded.
+    a = train(tiny(tmp_path / "a", epochs=2))
+    b = train(tiny(tmp_path / "b", epochs=2, num_workers=2))
+    keep = ("best_epoch", "train_loss", "train_acc", "val_loss", "val_acc", "confusion_matrix")
+    assert {k: a[k] for k in keep} == {k: b[k] for k in keep}

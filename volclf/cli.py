@@ -17,7 +17,7 @@ from volclf import data as data_mod
 from volclf import runs
 from volclf.cluster import (BACKENDS, TrainingJob, batch_script, default_backend, make_executor, run_local,
                             submit_array)
-from volclf.config import ARCHS, JOBS_DIR, PRESETS, RunConfig, load_profile, make_run_config, parse_override
+from volclf.config import ARCHS, PRESETS, RunConfig, load_profile, make_run_config, parse_override
 from volclf.errors import PreflightError, VolclfError
 from volclf.models import build_model
 
@@ -304,4 +304,4 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["main", "launch_parser", "JOBS_DIR"]
+__all__ = ["main", "launch_parser", "status_parser"]

@@ -69,12 +69,19 @@ def train(cfg: RunConfig, job: JobInfo | None = None) -> dict[str, Any]:
 
 
 class EpochBatches(Sampler[list[int]]):
-    """Batches of one epoch in an order fixed by (seed, epoch), starting at batch ``start``."""
+    """Batches of one epoch in an order fixed by (seed, epoch), starting at batch ``start``.
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        self.batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    ``set_epoch`` moves it on, so that one DataLoader (and its workers) serves every epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, start: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.set_epoch(epoch, start)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        self.batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         # A batch of one breaks batch norm in training: fold it into the previous batch.
         if len(self.batches) > 1 and len(self.batches[-1]) == 1:
             self.batches[-2] += self.batches.pop()
@@ -162,7 +169,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused or None
         )
-        self.steps_per_epoch = math.ceil(len(EpochBatches(len(self.data.train), t.batch_size, 0, 0)) / t.grad_accum)
+        self.batches = EpochBatches(len(self.data.train), t.batch_size, cfg.seed)
+        self.steps_per_epoch = math.ceil(len(self.batches.batches) / t.grad_accum)
         total = self.steps_per_epoch * t.epochs
         warmup = min(total, round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -170,12 +178,17 @@ class Trainer:
         )
         self.step_model = torch.compile(self.model) if t.compile else self.model
         num_workers = t.num_workers if t.num_workers >= 0 else max(0, threads - 1)
-        self.loader_kwargs = dict(
+        loader_kwargs: dict[str, Any] = dict(
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=num_workers > 0,
             worker_init_fn=_ignore_stop_signals if num_workers else None,
+            # A DataLoader draws its workers' base seed from this generator; from the global
+            # one it would shift the dropout masks of a run resumed mid-epoch.
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
+        self.train_loader = DataLoader(self.data.train, batch_sampler=self.batches, **loader_kwargs)
+        self.val_loader = DataLoader(self.data.val, batch_size=t.batch_size, shuffle=False, **loader_kwargs)
         # Progress: epochs done, batches done in the current epoch, the epoch's partial sums.
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -298,17 +311,12 @@ class Trainer:
             finally:
                 self.at_safe_point = False
 
-    def _loader_generator(self) -> torch.Generator:
-        # A DataLoader draws its workers' base seed from this generator when it starts; from
-        # the global one it would shift the dropout masks of a run resumed mid-epoch.
-        return torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
-
     def _train_epoch(self) -> None:
         t, model = self.cfg.train, self.step_model
         model.train()
-        batches = EpochBatches(len(self.data.train), t.batch_size, self.cfg.seed, self.epoch, self.batch_in_epoch)
-        loader = DataLoader(self.data.train, batch_sampler=batches, generator=self._loader_generator(), **self.loader_kwargs)
-        for x, y in loader:
+        batches = self.batches
+        batches.set_epoch(self.epoch, self.batch_in_epoch)
+        for x, y in self.train_loader:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -334,11 +342,9 @@ class Trainer:
     def _evaluate(self) -> tuple[float, float, np.ndarray, np.ndarray]:
         model = self.step_model
         model.eval()
-        loader = DataLoader(self.data.val, batch_size=self.cfg.train.batch_size, shuffle=False,
-                            generator=self._loader_generator(), **self.loader_kwargs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         preds, trues = [], []
-        for x, y in loader:
+        for x, y in self.val_loader:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
