@@ -71,7 +71,7 @@ def train(cfg: RunConfig, job: JobInfo | None = None) -> dict[str, Any]:
 class EpochBatches(Sampler[list[int]]):
     """Batches of one epoch in an order fixed by (seed, epoch), starting at batch ``start``.
 
-    ``set_epoch`` moves it on, so that one DataLoader (and its workers) serves every epoch.
+    ``set_epoch`` moves it on, so that one DataLoader serves every epoch.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, start: int = 0):
@@ -181,7 +181,9 @@ class Trainer:
         loader_kwargs: dict[str, Any] = dict(
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=num_workers > 0,
+            # Not persistent: workers kept alive past the last epoch can hold the job's
+            # process open after training ends (seen here: a finished run never exited).
+            persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if num_workers else None,
             # A DataLoader draws its workers' base seed from this generator; from the global
             # one it would shift the dropout masks of a run resumed mid-epoch.
@@ -333,8 +335,10 @@ class Trainer:
                 self.scheduler.step()
             # Sums stay on the device: no host synchronisation inside the step.
             n = y.numel()
+            # torch.full, not torch.tensor: a GPU tensor made from a Python number is a blocking
+            # host-to-device copy at every step.
             self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                                      torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                                      torch.full((), float(n), dtype=torch.float64, device=self.device)])
             if self.batch_in_epoch % t.grad_accum == 0:
                 self.safe_point()
 

@@ -28,14 +28,26 @@ def count_parameters(model: nn.Module) -> int:
 def training_memory_estimate(cfg: ModelConfig, num_classes: int) -> dict[str, int]:
     """Bytes that training needs: per sample (tensors saved for backward) and fixed (weights, AdamW).
 
-    Runs one forward pass on the meta device (no memory, no compute) and adds up every tensor
-    autograd saves for the backward pass, excluding the parameters themselves. Kernels that
-    recompute (fused attention) or keep fp32 copies under autocast make the real figure differ;
-    bench/ checks the estimate against measured peaks.
+    Runs forward passes on the meta device (no memory, no compute), in fp32 and in bf16, and
+    adds up every tensor autograd saves for the backward pass, excluding the parameters. Under
+    autocast some tensors stay fp32 (norms, the residual stream), so the bf16 figure is a lower
+    bound; bench/ compares both with measured peaks.
     """
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
     model.train()
+    per_sample = {name: _saved_bytes_per_sample(model.to(dtype), cfg.input_shape, dtype)
+                  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    params = count_parameters(model)
+    return {
+        "per_sample_fp32": per_sample["fp32"],
+        "per_sample_bf16": per_sample["bf16"],
+        # fp32 weights + gradients + two AdamW moments.
+        "fixed": params * 4 * 4,
+    }
+
+
+def _saved_bytes_per_sample(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> int:
     param_ids = {id(p) for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -45,23 +57,14 @@ def training_memory_estimate(cfg: ModelConfig, num_classes: int) -> dict[str, in
             saved[id(base)] = base.numel() * base.element_size()
         return t
 
-    batch = 2  # two samples: the per-sample figure is the difference to one
-    per = []
-    for b in (1, batch):
+    totals = []
+    for batch in (1, 2):  # the per-sample figure is the difference: fixed saves cancel out
         saved.clear()
-        x = torch.empty(b, 1, *cfg.input_shape, device="meta", requires_grad=False)
+        x = torch.empty(batch, 1, *input_shape, device="meta", dtype=dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x).sum()
-        per.append(sum(saved.values()))
-    per_sample_fp32 = per[1] - per[0]
-    params = count_parameters(model)
-    return {
-        "per_sample_fp32": per_sample_fp32,
-        # Under bf16 autocast most saved activations are half the size; norms keep fp32 inputs.
-        "per_sample_bf16": per_sample_fp32 // 2,
-        # fp32 weights + gradients + two AdamW moments.
-        "fixed": params * 4 * 4,
-    }
+        totals.append(sum(saved.values()))
+    return totals[1] - totals[0]
 
 
 def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:

@@ -55,7 +55,9 @@ class ResNet3D(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.stem = nn.Sequential(
-            nn.Conv3d(1, w, 3, stride=1, padding=1),
+            # No bias: the batch norm after the pool removes any constant (the bias's gradient
+            # would be zero but for rounding).
+            nn.Conv3d(1, w, 3, stride=1, padding=1, bias=False),
             nn.MaxPool3d(kernel_size=2, stride=1, padding=1),
             nn.BatchNorm3d(w),
             nn.ReLU(inplace=True),

@@ -90,6 +90,22 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout``, with a faster mask on CPU.
+
+    ATen's CPU dropout draws its mask with ``bernoulli_``, which runs on one thread; comparing
+    uniform numbers with ``p`` gives the same mask distribution in half the time: a CPU training
+    step 3-7 % faster on 2 cores (bench/README.md). Like ATen's, the mask kept for the backward
+    pass holds 0 or 1/(1-p) in the input's dtype. Other devices keep PyTorch's fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
+            return super().forward(x)
+        mask = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))  # 0 or 1/(1-p)
+        return x * mask.to(x.dtype)
+
+
 class Mlp(nn.Module):
     """Dense(mlp_dim, GELU) -> Dropout -> Dense(dim, GELU) -> Dropout, as in the Keras ViT example."""
 
@@ -97,7 +113,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop(F.gelu(self.fc1(x)))
