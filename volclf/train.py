@@ -136,7 +136,6 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / runs.CHECKPOINTS
         self.at_safe_point = False
-        self.stop_requested = False
         self._started = time.time()
 
     # ----------------------------------------------------------------- set-up
@@ -235,7 +234,6 @@ class Trainer:
 
     def checkpoint(self) -> bool:
         """Called from a signal handler (preemption, time limit): save if at a consistent point."""
-        self.stop_requested = True
         if self.at_safe_point and hasattr(self, "model"):
             self.save_checkpoint()
             log.info("checkpoint written on signal at epoch %d, batch %d", self.epoch + 1, self.batch_in_epoch)
